@@ -1,0 +1,1 @@
+"""Data preparation scripts (one per dataset); see prep/README.md."""
