@@ -37,5 +37,12 @@ demo: setup
 	$(PY) coconut.py configs/demo_prosqa_small.py --feedback_mode=learned_shared --out_dir=$(DEMO)/m4b_shared --name=M4b-pause_learned_shared
 	$(PY) checks/demo_table.py $(DEMO)
 
+# Seed 003's Gate 0 (checks/gate0.py): PASS/FAIL per item, out/gate0.json, non-zero exit on a FAIL.
+data/prosqa_ood/ood_8hop.json: $(VENV)/.installed
+	$(PY) prep/prosqa.py --ood --out_dir data/prosqa_ood
+
+gate0: setup data/prosqa_ood/ood_8hop.json
+	$(PY) checks/gate0.py
+
 clean:
 	rm -rf out data $(VENV)

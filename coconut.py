@@ -58,10 +58,12 @@ name = "prosqa-coconut"            # run name (logs, wandb)
 init_from = "gpt2"                 # 'gpt2', any HF GPT-2 id or local HF directory, or 'scratch'
 load_model_path = ""               # a latentkit checkpoint to start from (e.g. the CoT one for GSM8K)
 resume = True                      # continue exactly from out_dir/ckpt_last.pt when it exists
+start_epoch = 0                    # first epoch of a fresh run (Meta's `resume`: GSM8K Coconut starts at 3)
 only_eval = False                  # evaluate (load_model_path, else init_from) on val_path and exit
 eval_interval = 1                  # epochs between evaluations
 log_interval = 10                  # optimizer steps between log lines
 max_eval_examples = 0              # 0 = the whole eval split
+max_train_examples = 0             # 0 = the whole train split (Meta's debug mode used 5000)
 wandb_log = False                  # optional; never required
 wandb_project = "latentkit"
 # data
@@ -647,7 +649,7 @@ def run(c, config, ddp, ddp_rank, ddp_world_size, device, master_process):
     val_tok = tokenize_examples(val_examples, enc, ids["eos"])
 
     ckpt_last = os.path.join(c.out_dir, "ckpt_last.pt")
-    start_epoch, step, best = 0, 0, {"accuracy": -1.0, "epoch": -1}
+    start_epoch, step, best = c.start_epoch, 0, {"accuracy": -1.0, "epoch": -1}
     ckpt = None
     if not c.only_eval and c.resume and os.path.exists(ckpt_last):
         ckpt = load_weights(model, ckpt_last)
@@ -691,6 +693,8 @@ def run(c, config, ddp, ddp_rank, ddp_world_size, device, master_process):
         return
 
     train_examples = load_examples(c.train_path)
+    if c.max_train_examples:
+        train_examples = train_examples[: c.max_train_examples]
     train_tok = tokenize_examples(train_examples, enc, ids["eos"])
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -321,3 +321,15 @@ def test_ddp_two_processes_agree(data_dir, tmp_path):
     assert res["final"]["n"] == 10  # both shards gathered
     ev = json.load(open(tmp_path / "ddp" / "eval_epoch2.json"))
     assert sorted(r["idx"] for r in ev["examples"]) == list(range(10))
+
+
+COCONUT_CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, "configs"))
+                         if f.startswith(("prosqa_", "prontoqa_", "gsm_", "demo_prosqa", "tiny_coconut")))
+
+
+@pytest.mark.parametrize("name", COCONUT_CONFIGS)
+def test_config_files_parse(name):
+    defaults = {k: getattr(coconut, k) for k in coconut.config_keys}
+    cfg = common.parse_config(defaults, [os.path.join(ROOT, "configs", name)])
+    assert cfg["method"] in coconut.METHODS and cfg["feedback_mode"] in coconut.FEEDBACK_MODES
+    assert cfg["reset_optimizer"] in coconut.OPTIMIZER_RESETS
