@@ -1,0 +1,1 @@
+"""Triton kernels, one folder per op, each mirroring flash-linear-attention (naive / fused_recurrent / chunk)."""
