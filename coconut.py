@@ -723,7 +723,7 @@ def run(c, config, ddp, ddp_rank, ddp_world_size, device, master_process):
         t_epoch = time.time()
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{c.num_epochs} stage {stage}",
                    disable=not master_process, leave=False)
-        loss_sum, t_log = 0.0, time.time()
+        loss_sum, n_loss, t_log, step_log = 0.0, 0, time.time(), step  # since the last log line
         for micro, batch in enumerate(bar):
             last_micro = micro == len(batches) - 1
             sync = (micro + 1) % c.gradient_accumulation_steps == 0 or last_micro
@@ -732,16 +732,15 @@ def run(c, config, ddp, ddp_rank, ddp_world_size, device, master_process):
             with autocast:
                 loss = model(**to_device(batch, device))
             (loss / c.gradient_accumulation_steps).backward()
-            loss_sum += loss.item()
+            loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
             if not sync:
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % c.log_interval == 0 or last_micro:
-                n_micro = (micro % c.gradient_accumulation_steps) + 1
-                mean_loss = loss_sum / n_micro
-                dt = (time.time() - t_log) * 1000
+                mean_loss = loss_sum / n_loss  # mean micro-batch loss since the last log line
+                dt = (time.time() - t_log) * 1000 / (step - step_log)  # per optimizer step
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 if master_process:
                     tqdm.write(f"epoch {epoch + 1} | step {step} | stage {stage} | loss {mean_loss:.4f} | "
@@ -751,7 +750,7 @@ def run(c, config, ddp, ddp_rank, ddp_world_size, device, master_process):
                                             "stage": stage, "loss": mean_loss}) + "\n")
                     if wandb:
                         wandb.log({"train/loss": mean_loss, "train/epoch": epoch + 1}, step=step)
-            loss_sum, t_log = 0.0, time.time()
+                loss_sum, n_loss, t_log, step_log = 0.0, 0, time.time(), step
         train_time += time.time() - t_epoch
 
         if (epoch + 1) % c.eval_interval == 0 or epoch + 1 == c.num_epochs:

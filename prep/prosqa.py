@@ -63,7 +63,7 @@ VARIANTS = {
     # the paper's distribution; N = 28 is the inferred node count before pruning (reference §3.4.1)
     "full": dict(n_nodes=28, min_hops=3, max_hops=6),
     # labelled demo variant for `make demo`: graphs a tiny model can learn in a minute on CPU
-    "small": dict(n_nodes=12, min_hops=2, max_hops=4),
+    "small": dict(n_nodes=8, min_hops=2, max_hops=3),
 }
 mean_parents = 1.5      # k ~ Poisson(1.5) parents per new node (Algorithm 1)
 p_only_0 = 0.35         # u <= 0.35: parents from groups 0 and 1 (cannot descend from node 1)
