@@ -40,7 +40,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -614,7 +615,6 @@ def load_weights(model, path):
 
 
 def main(argv):
-    from types import SimpleNamespace
     config = common.parse_config({k: globals()[k] for k in config_keys}, argv)
     for key, allowed in (("method", METHODS), ("feedback_mode", FEEDBACK_MODES),
                          ("reset_optimizer", OPTIMIZER_RESETS)):
@@ -722,7 +722,7 @@ def run(c, config, ddp, ddp_rank, ddp_world_size, device, master_process):
         batches = epoch_batches(train_tok, epoch, c, ids, ddp_rank, ddp_world_size)
         t_epoch = time.time()
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{c.num_epochs} stage {stage}",
-                   disable=not master_process, leave=False)
+                   disable=not master_process, leave=False, mininterval=2.0)  # quiet in log files
         loss_sum, n_loss, t_log, step_log = 0.0, 0, time.time(), step  # since the last log line
         for micro, batch in enumerate(bar):
             last_micro = micro == len(batches) - 1
@@ -780,8 +780,8 @@ def run(c, config, ddp, ddp_rank, ddp_world_size, device, master_process):
     if ddp:
         fingerprints = [None] * ddp_world_size
         dist.all_gather_object(fingerprints, fingerprint)
-    last = [json.loads(line) for line in open(metrics_path) if '"eval"' in line][-1] if master_process else None
     if master_process:
+        last = [r for r in map(json.loads, open(metrics_path)) if r["kind"] == "eval"][-1]
         results = {"name": c.name, "method": c.method, "feedback_mode": c.feedback_mode,
                    "parameters": counts, "epochs": c.num_epochs, "final": last, "best": best,
                    "train_time_s": train_time, "param_sha256_per_rank": fingerprints}
