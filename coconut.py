@@ -33,7 +33,6 @@ Differences from Meta's code, on purpose:
 - bf16 is autocast over fp32 weights (Meta casts the weights).
 """
 
-import hashlib
 import json
 import math
 import os
@@ -553,15 +552,6 @@ def validation_loss(model, tokenized, stage, c, ids, device, rank, world_size):
     return (total[0] / total[1]).item()
 
 
-def param_sha256(model):
-    """Fingerprint of every parameter and buffer: equal on all ranks when DDP kept them in sync."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def plot_curves(metrics_path, png_path, title):
     """Training loss per logged step and eval accuracy per epoch, from metrics.jsonl."""
     import matplotlib
@@ -774,12 +764,7 @@ def run(c, config, ddp, ddp_rank, ddp_world_size, device, master_process):
                                     "best": best, "config": config}, ckpt_last)
             plot_curves(metrics_path, os.path.join(c.out_dir, "train_curve.png"), c.name)
 
-    # every rank's fingerprint: DDP must have kept the replicas identical
-    fingerprint = param_sha256(raw_model)
-    fingerprints = [fingerprint]
-    if ddp:
-        fingerprints = [None] * ddp_world_size
-        dist.all_gather_object(fingerprints, fingerprint)
+    fingerprints = common.replica_fingerprints(raw_model)  # DDP must have kept the replicas identical
     if master_process:
         last = [r for r in map(json.loads, open(metrics_path)) if r["kind"] == "eval"][-1]
         results = {"name": c.name, "method": c.method, "feedback_mode": c.feedback_mode,

@@ -4,6 +4,7 @@ seeding and atomic checkpoint/JSON IO. Plain functions, no hidden state, imports
 """
 
 import ast
+import hashlib
 import json
 import os
 import random
@@ -94,6 +95,20 @@ def is_master():
 def print0(*args, **kwargs):
     if is_master():
         print(*args, **kwargs, flush=True)
+
+
+def replica_fingerprints(module):
+    """sha256 of every parameter and buffer, from every rank (rank order): all equal when DDP kept
+    the replicas in sync."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    if not (dist.is_available() and dist.is_initialized()):
+        return [h.hexdigest()]
+    fingerprints = [None] * dist.get_world_size()
+    dist.all_gather_object(fingerprints, h.hexdigest())
+    return fingerprints
 
 
 def set_seed(seed):

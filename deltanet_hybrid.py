@@ -55,7 +55,6 @@ Differences from the seed's code, on purpose:
   continues the exact batch order without saving a data-loader state.
 """
 
-import hashlib
 import json
 import math
 import os
@@ -394,15 +393,6 @@ def estimate_val_loss(model, val, c, rank, world, device, autocast):
     return (total[0] / total[1]).item()
 
 
-def param_sha256(model):
-    """Fingerprint of every parameter and buffer: equal on all ranks when DDP kept them in sync."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def plot_curves(history, png_path, title):
     """Train and val loss, and the learning rate, per optimizer step."""
     import matplotlib
@@ -604,10 +594,7 @@ def run(c, config, ckpt, ddp, ddp_rank, ddp_world_size, device):
                           f"{tok_s / 1e3:.1f}K tok/s")
             t_log, loss_sum, log_steps = time.time(), torch.zeros((), device=device), 0
 
-    fingerprints = [param_sha256(raw_model)]
-    if ddp:
-        fingerprints = [None] * ddp_world_size
-        dist.all_gather_object(fingerprints, param_sha256(raw_model))
+    fingerprints = common.replica_fingerprints(raw_model)
     if master_process:
         os.makedirs(c.results_dir, exist_ok=True)
         results = {"model_type": c.model_type, "config": config, "parameters": n_params,

@@ -49,7 +49,6 @@ References: seed 004; Kobayashi et al. 2025, arXiv 2512.20605 (metacontroller); 
 """
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -656,14 +655,6 @@ def auroc(scores, labels):
     return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
 
 
-def param_sha256(module):
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def log_metrics(path, row):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -729,10 +720,7 @@ def train_loop(c, phase, ctrl, params, micro_loss, validate, n_iters, ctx):
         if step % c.eval_interval == 0 or step == n_iters:
             metrics = run_validation()
             save()
-    fingerprints = [param_sha256(ctrl)]
-    if ctx.ddp:
-        fingerprints = [None] * ctx.world_size
-        dist.all_gather_object(fingerprints, param_sha256(ctrl))
+    fingerprints = common.replica_fingerprints(ctrl)
     if ctx.master:
         common.write_json({"name": c.name, "phase": phase, "steps": step, "final_val": metrics,
                            "param_sha256_per_rank": fingerprints}, os.path.join(c.out_dir, f"phase{phase}.json"))
