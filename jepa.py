@@ -27,9 +27,9 @@ Launch:
   python jepa.py --mode=evaluate --checkpoint=out/jepa_math/ckpt_final.pt
   python jepa.py --mode=feedback --checkpoint=out/jepa_math/ckpt_final.pt --llm_provider=openai --num_cycles=5
 Expected: no published number exists for this design (seed 002 promises an ablation table, not
-values). The CPU demo's measured accuracy before/after latent search is in checks/README_jepa.md of
-the report that landed this file; JEPA-Reasoner reports +149.5% relative GSM8K 8-shot over a coupled
-transformer at 0.9B, a different scale and recipe.
+values); the CPU demo's accuracy before/after latent search is not measured yet. JEPA-Reasoner
+reports +149.5% relative GSM8K 8-shot over a coupled transformer at 0.9B, a different scale and
+recipe.
 
 Choices, on purpose:
 - Encoders: an HF model, mean pooling over the attention mask, L2 normalisation (sentence-transformers'
