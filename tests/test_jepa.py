@@ -245,6 +245,7 @@ def test_trained_run_writes_results(trained):
     results = json.load(open(os.path.join(trained, "results.json")))
     assert set(results["accuracy"]) == set(jepa.VARIANTS)
     assert all(0.0 <= a <= 1.0 for a in results["accuracy"].values()) and results["n"] == 16
+    assert results["accuracy"]["gold_search"] >= results["accuracy"]["none"]  # a right answer scores 1: kept
     # per training problem: true + corrupted, then (prediction + 1 perturbed) x (latent, decoded text)
     assert results["verifier"]["pairs"] == 192 * (2 + 2 * 2)
     assert len(results["param_sha256_per_rank"]) == 1
